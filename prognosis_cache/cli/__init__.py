@@ -1,0 +1,8 @@
+"""`pcache`: the command-line interface. Thin: parse options, call the Python API, render progress and tables.
+
+Each sub-command lives in its own module and registers itself on the shared `app` when imported here.
+"""
+
+from prognosis_cache.cli._app import app
+
+__all__ = ["app"]
