@@ -106,7 +106,8 @@ def read(path: str | Path) -> pl.DataFrame:
     try:
         frame = pl.read_parquet(path) if path.suffix != ".csv" else pl.read_csv(path, schema_overrides=SCHEMA)
     except Exception as exc:  # polars raises several types for a non-parquet file
-        raise PcacheError(f"{path} is not a readable results table: {exc}", "pass a .parquet written by pcache") from exc
+        raise PcacheError(f"{path} is not a readable results table: {exc}",
+                          "pass a .parquet written by pcache") from exc
     lacking = [c for c in REQUIRED if c not in frame.columns]
     if lacking:
         raise PcacheError(f"{path} lacks results columns {lacking}", "it was not written by pcache probe/finetune")
