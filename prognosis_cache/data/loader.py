@@ -57,16 +57,24 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
 
 
 def batched_images(paths: Sequence[Path], rows: Sequence[int], pre: Preprocess, *, batch_size: int = 32,
-                   workers: int = 0, pin_memory: bool = False, prefetch: int = 2) -> DataLoader:
-    """Batches over `rows` (indices into `paths`) in order: batch b always holds rows[b*B:(b+1)*B].
+                   workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
+                   shuffle_seed: int | None = None) -> DataLoader:
+    """Batches over `rows` (indices into `paths`): `Batch.rows` says which rows each batch holds.
 
-    The fixed batch boundaries matter: a resumed embed recomputes exactly the batches it lost, with the same
-    composition, so its features are bit-identical to an uninterrupted run.
+    Without `shuffle_seed` (embedding) batch b always holds rows[b*B:(b+1)*B]. The fixed boundaries matter: a
+    resumed embed recomputes exactly the batches it lost, with the same composition, so its features are
+    bit-identical to an uninterrupted run. With `shuffle_seed` (training) the order is a seeded permutation per epoch,
+    reproducible from the seed.
     """
+    generator = None
+    if shuffle_seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(shuffle_seed)
     return DataLoader(
         ImageRows(paths, rows, pre),
         batch_size=batch_size,
-        shuffle=False,
+        shuffle=shuffle_seed is not None,
+        generator=generator,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
