@@ -6,3 +6,6 @@ Each sub-command lives in its own module and registers itself on the shared `app
 from prognosis_cache.cli._app import app
 
 __all__ = ["app"]
+
+# Each module registers its sub-commands on `app` when imported.
+from prognosis_cache.cli import embed, synth  # noqa: F401
