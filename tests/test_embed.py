@@ -1,5 +1,6 @@
 """`pcache embed`: mixed folders with broken files, SIGKILL + resume, appends, fingerprint refusal, the CLI."""
 
+import json
 import os
 import signal
 import subprocess
@@ -63,8 +64,11 @@ def test_mixed_folder_embeds_and_lists_failures(cohort, tmp_path):
     assert len(cache) == n_rows - 3
     assert cache.features.shape[1] == 32 and np.isfinite(cache.features).all()
     assert not partial_dir(tmp_path / "c.h5").exists()
-    info = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "c.h5")])
-    assert info.exit_code == 0 and "corrupt.png" in info.output and cache.fingerprint in info.output
+    info = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "c.h5"), "--json"])
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.output)
+    assert described["fingerprint"] == cache.fingerprint and described["images"] == len(cache)
+    assert {f["image_id"] for f in described["failures"]} == set(failed) and described["complete"] is False
 
 
 def test_on_error_fail_stops_with_exit_3(cohort, tmp_path):

@@ -18,7 +18,7 @@ DECODE_RULES = {
     "dicom": "modality LUT, then VOI LUT / first window, MONOCHROME1 inverted, first frame of multi-frame",
     "normalisation": "per-image min-max to [0,1]",
     "channels": "grayscale replicated to 3 channels after resize",
-    "resize": "torchvision resize (antialias) of the shorter side, centre crop",
+    "resize": "Pillow float resize of the shorter side (antialiased), centre crop, clip to [0,1]",
 }
 
 
