@@ -344,7 +344,9 @@ def test_cli_table_lists_entries(monkeypatch):
         assert name in plain.output
     assert "tiny-dinov2" not in plain.output and "tiny-dinov2" in every.output
     assert "lora, ia3, bitfit" in plain.output  # CNNs: VeRA refused
-    assert "facebook/dinov2-large" in plain.output
+    assert "facebook/dinov2-large" not in plain.output
+    wide = runner.invoke(local, ["backbones", "--wide"])
+    assert "facebook/dinov2-large" in wide.output and "post-projection" in wide.output
 
 
 # --------------------------------------------------------------------------------------------------- local caches

@@ -9,11 +9,13 @@ from prognosis_cache.backbones import PEFT_METHODS, REGISTRY, weights_available
 from prognosis_cache.cli._app import app, out, user_errors
 
 
-def backbone_table(include_tiny: bool) -> Table:
-    """One row per registry entry (tiny test entries only on request)."""
-    table = Table(title="backbones", show_lines=False)
+def backbone_table(include_tiny: bool, wide: bool = False) -> Table:
+    """One row per registry entry (tiny test entries only on request); the long feature text only with `wide`."""
+    table = Table(title="backbones", show_lines=wide)
     table.add_column("name", no_wrap=True)
-    for column in ("family", "source", "dim", "input", "feature", "PEFT", "weights here"):
+    columns = ("family", "source", "dim", "input", "feature", "PEFT", "weights here") if wide else (
+        "family", "dim", "input", "PEFT", "weights here")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for spec in REGISTRY.values():
         if spec.tiny and not include_tiny:
@@ -21,16 +23,11 @@ def backbone_table(include_tiny: bool) -> Table:
         peft = ", ".join(m for m in PEFT_METHODS if m in spec.peft and not spec.peft[m].refusal)
         pre = spec.preprocess
         present = "n/a (test entry)" if spec.tiny else ("yes" if weights_available(spec) else "no")
-        table.add_row(
-            spec.name,
-            spec.family,
-            spec.source or "-",
-            str(spec.dim),
-            f"{pre.crop}px ({pre.interpolation} resize {pre.resize})",
-            spec.feature,
-            peft,
-            present,
-        )
+        cells = {"family": spec.family, "source": spec.source or "-", "dim": str(spec.dim),
+                 "input": f"{pre.crop}px", "feature": spec.feature, "PEFT": peft, "weights here": present}
+        if wide:
+            cells["input"] = f"{pre.crop}px ({pre.interpolation} resize {pre.resize})"
+        table.add_row(spec.name, *(cells[c] for c in columns))
     return table
 
 
@@ -38,6 +35,11 @@ def backbone_table(include_tiny: bool) -> Table:
 @user_errors
 def backbones(
     show_all: bool = typer.Option(False, "--all", help="Also list the tiny test entries."),
+    wide: bool = typer.Option(False, "--wide", help="Also show the weights source and which feature is taken."),
 ) -> None:
-    """List the registered backbones: family, weights source, feature dim, input size, feature, PEFT, weights."""
-    out.print(backbone_table(show_all))
+    """List the registered backbones: family, feature dim, input size, PEFT methods, weights present locally.
+
+    `--wide` adds the weights source (HF hub id / open_clip tag / torchvision enum) and the exact feature taken
+    (layer, token or pooling, pre/post projection).
+    """
+    out.print(backbone_table(show_all, wide))
