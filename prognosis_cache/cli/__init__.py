@@ -8,4 +8,4 @@ from prognosis_cache.cli._app import app
 __all__ = ["app"]
 
 # Each module registers its sub-commands on `app` when imported.
-from prognosis_cache.cli import backbones, embed, synth  # noqa: F401
+from prognosis_cache.cli import backbones, demo, embed, finetune, probe, synth  # noqa: F401

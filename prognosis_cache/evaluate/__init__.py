@@ -1,0 +1,1 @@
+"""Evaluate features from the cache: patient-grouped splits, batched solvers, metrics and the probe engine."""

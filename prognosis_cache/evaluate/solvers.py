@@ -1,0 +1,294 @@
+"""Probe solvers: small pure functions over arrays, batched over problems (seeds, folds) and regularisation values.
+
+Every solver returns a *margin*: the predicted class is positive exactly when margin > 0, and the margin ranks test
+images for PR-AUC / ROC-AUC. Binary tasks only (labels 0/1); the probe refuses categorical tasks with more than
+two classes and asks for a derived binary task, which is the study's one-vs-rest case.
+
+Why hand-written rather than one sklearn fit per draw per C: a few-shot grid is thousands of tiny, identical-shape
+problems; solving them as one stacked tensor program (all seeds × all C at once) is the project's speed claim.
+Each solver is tested against its sklearn / numpy reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+C_GRID = (1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6)
+RIDGE_GRID = (1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3)  # most regularised first: ties pick it
+K_GRID = (21, 11, 5, 3, 1)  # smoothest first: ties pick it
+TRANSFORMS = ("none", "l2", "standardise")
+NEWTON_MAX_DIM = 256  # n ≥ d above this: a Newton step's n·d² costs more than sklearn's whole lbfgs fit
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (stateless: needs no training side)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def fit_standardise(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the training side only (a constant feature keeps std 1 so it stays finite)."""
+    mu = x_train.mean(axis=-2, keepdims=True)
+    sd = x_train.std(axis=-2, keepdims=True)
+    return mu, np.where(sd > 1e-12, sd, 1.0)
+
+
+def apply_transform(kind: str, x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Fit `kind` on x_train, apply it to x_train and every array in `others` (same trailing feature axis)."""
+    if kind not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {kind!r}")
+    if kind == "none":
+        return [x_train, *others]
+    if kind == "l2":
+        return [l2_normalise(a) for a in (x_train, *others)]
+    mu, sd = fit_standardise(x_train)
+    return [(a - mu) / sd for a in (x_train, *others)]
+
+
+def balanced_weights(y: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """sklearn's class_weight='balanced' per sample: n / (n_classes * count(class)), over the rows in `mask`.
+
+    Works on stacks [..., n]; padded rows (mask False) get weight 0 so they vanish from every sum.
+    """
+    y = np.asarray(y)
+    mask = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
+    n = mask.sum(-1, keepdims=True)
+    pos = (mask & (y == 1)).sum(-1, keepdims=True)
+    neg = n - pos
+    n_classes = (pos > 0).astype(int) + (neg > 0).astype(int)
+    w_pos = n / np.maximum(n_classes * pos, 1)
+    w_neg = n / np.maximum(n_classes * neg, 1)
+    return np.where(mask, np.where(y == 1, w_pos, w_neg), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- logistic
+def _newton_logistic(z: torch.Tensor, yy: torch.Tensor, sw: torch.Tensor, c: torch.Tensor,
+                     max_iter: int = 100, tol: float = 1e-14) -> torch.Tensor:
+    """Damped Newton for min 0.5|v|² + C Σ s_i log(1+exp(-y_i(z_i·v + b))), batched over [P] problems × [G] C.
+
+    z [P, n, m], yy/sw [P, n] (±1 targets, sample weights), c [P, G]. Returns theta [P, G, m+1] (v, then b).
+    The intercept is unpenalised, as in sklearn. The C columns are solved in order of increasing C, each
+    warm-started from the previous solutions (the regularisation path, extrapolated linearly in log C when that
+    lowers the objective): from a warm start Newton needs a few
+    steps even at C = 1e6 on separable data, where a cold start needs many damped ones.
+    """
+    p_, n, m = z.shape
+    zb = torch.cat([z, torch.ones(p_, n, 1, dtype=z.dtype)], dim=2)  # [P, n, m+1]
+    reg = torch.ones(m + 1, dtype=z.dtype)
+    reg[-1] = 0.0
+    swy = sw * yy
+
+    def objective(th: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:  # th [P, m+1], cc [P] → [P]
+        f = torch.bmm(zb, th[..., None])[..., 0]
+        loss = (sw * torch.nn.functional.softplus(-yy * f)).sum(-1)
+        return 0.5 * (th * th * reg).sum(-1) + cc * loss
+
+    order = torch.argsort(c[0], stable=True)
+    out = torch.zeros(p_, c.shape[1], m + 1, dtype=z.dtype)
+    theta = torch.zeros(p_, m + 1, dtype=z.dtype)
+    previous = None
+    for g in order.tolist():
+        cc = c[:, g]
+        start = theta
+        if previous is not None:  # extrapolate along the path (grids are evenly spaced in log C)
+            guess = 2 * theta - previous
+            better = objective(guess, cc) < objective(theta, cc)
+            start = torch.where(better[:, None], guess, theta)
+        previous, theta = theta, start
+        obj = objective(theta, cc)
+        for _ in range(max_iter):
+            f = torch.bmm(zb, theta[..., None])[..., 0]
+            q = torch.sigmoid(-yy * f)  # = 1 - p(correct class)
+            grad = theta * reg - cc[:, None] * torch.bmm((swy * q)[:, None], zb)[:, 0]
+            curv = cc[:, None] * sw * q * (1 - q)
+            hess = torch.bmm(zb.transpose(1, 2), zb * curv[..., None]) + torch.diag(reg)
+            hess[..., -1, -1] += 1e-12  # the intercept's curvature can underflow for confident, tiny-C fits
+            chol, info = torch.linalg.cholesky_ex(hess)
+            if bool((info == 0).all()):
+                step = torch.cholesky_solve(grad[..., None], chol)[..., 0]
+            else:  # numerically indefinite for some problem: the general solver copes
+                step = torch.linalg.lstsq(hess, grad[..., None]).solution[..., 0]
+            decrement = (grad * step).sum(-1)  # Newton decrement², ≥ 0
+            # relative to the objective, not absolute: at C = 1e-6 the objective and the decision values are
+            # ~1e-6 in scale, and an absolute tolerance would leave the intercept visibly unconverged
+            if bool((decrement <= tol * obj.abs()).all()):
+                break
+            # batched backtracking: every problem halves its own step until Armijo holds (usually at t = 1)
+            t = torch.ones_like(obj)
+            pending = torch.ones_like(obj, dtype=torch.bool)
+            new_theta, new_obj = theta, obj
+            for _ in range(40):
+                cand = theta - t[:, None] * step
+                cand_obj = objective(cand, cc)
+                ok = pending & (cand_obj <= obj - 1e-4 * t * decrement)
+                new_theta = torch.where(ok[:, None], cand, new_theta)
+                new_obj = torch.where(ok, cand_obj, new_obj)
+                pending &= ~ok
+                if not bool(pending.any()):
+                    break
+                t = torch.where(pending, t * 0.5, t)
+            stalled = bool((new_obj >= obj).all())  # rounding floor reached everywhere: nothing left to gain
+            theta, obj = new_theta, new_obj
+            if stalled:
+                break
+        out[:, g] = theta
+    return out
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, cs: Sequence[float] | np.ndarray,
+                 max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Class-weighted L2 logistic regression for a stack of problems and a C grid, sklearn's objective exactly.
+
+    Few-shot problems (n < d) and narrow full-data ones (d ≤ NEWTON_MAX_DIM) are solved all at once by batched
+    Newton; wide full-data problems (n ≥ d > NEWTON_MAX_DIM) go to sklearn one by one.
+
+    x [P, n, d], y [P, n] in {0, 1}, sample_weight [P, n] (use `balanced_weights`; 0 marks a padded row),
+    cs [G] (shared) or [P, G]. Returns weights [P, G, d] and intercepts [P, G] in the space of x.
+
+    When n < d the optimum lies in the span of the training rows (representer theorem), so each problem is solved
+    in an n-dimensional basis from a QR of x^T and mapped back: exact, and it turns a 768-wide few-shot problem
+    into a 2K-wide one. Float64 throughout so decision values match sklearn to ~1e-6.
+    """
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    yy = torch.as_tensor(np.where(np.asarray(y) == 1, 1.0, -1.0))
+    sw = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64))
+    c = torch.as_tensor(np.asarray(cs, dtype=np.float64))
+    if c.ndim == 1:
+        c = c[None].expand(xt.shape[0], -1)
+    _, n, d = xt.shape
+    if n >= d > NEWTON_MAX_DIM:
+        return _sklearn_logistic(np.asarray(x), np.asarray(y), np.asarray(sample_weight), c.numpy())
+    if n < d:
+        # x x^T = L L^T, so z = L gives every inner product of x, and w = x^T L^{-T} v maps back. A Cholesky of the
+        # n×n Gram is far cheaper than a QR of x^T; padded (all-zero) rows get a unit diagonal, which leaves the
+        # real rows' block untouched. Exact duplicates would make the Gram singular: then QR.
+        gram = xt @ xt.transpose(1, 2)
+        diag = torch.diagonal(gram, dim1=1, dim2=2)
+        jitter = 1e-12 * diag.mean(-1, keepdim=True).clamp_min(1e-30)
+        gram = gram + torch.diag_embed(torch.where(diag > 0, jitter, torch.ones_like(diag)))
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info == 0).all()):
+            theta = _newton_logistic(chol, yy, sw, c, max_iter=max_iter)
+            coef = torch.linalg.solve_triangular(chol.transpose(1, 2), theta[..., :-1].transpose(1, 2), upper=True)
+            w = torch.einsum("pnd,png->pgd", xt, coef)
+        else:
+            q, r = torch.linalg.qr(xt.transpose(1, 2))  # x = r^T q^T, q [P, d, n] orthonormal columns
+            theta = _newton_logistic(r.transpose(1, 2), yy, sw, c, max_iter=max_iter)
+            w = torch.einsum("pdn,pgn->pgd", q, theta[..., :-1])
+    else:
+        theta = _newton_logistic(xt, yy, sw, c, max_iter=max_iter)
+        w = theta[..., :-1]
+    return w.numpy(), theta[..., -1].numpy()
+
+
+def _sklearn_logistic(x: np.ndarray, y: np.ndarray, sw: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The wide n ≥ d case (full data): sklearn lbfgs per problem, warm-started along the C path.
+
+    Batching does not pay here: a Newton step costs n·d² per problem and a batched gradient step is bound by
+    reading x once per step, so the library's own solver (same objective, same weights) is the fast path.
+    """
+    p_, _, d = x.shape
+    w = np.zeros((p_, c.shape[1], d))
+    b = np.zeros((p_, c.shape[1]))
+    for p in range(p_):
+        keep = sw[p] > 0
+        model = LogisticRegression(solver="lbfgs", max_iter=1000, tol=1e-6, warm_start=True)
+        for g in np.argsort(c[p], kind="stable"):
+            model.set_params(C=float(c[p, g]))
+            model.fit(x[p][keep], y[p][keep], sample_weight=sw[p][keep])
+            w[p, g], b[p, g] = model.coef_[0], model.intercept_[0]
+    return w, b
+
+
+# ---------------------------------------------------------------------------------------------- ridge
+def ridge_fit(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
+              lambdas: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted ridge on ±1 targets (sklearn RidgeClassifier), the whole λ path from ONE eigendecomposition.
+
+    x [P, n, d], y [P, n] in {0,1}, sample_weight [P, n] (0 = padded row), lambdas [G] → w [P, G, d], b [P, G].
+    The intercept comes from weighted centring, as sklearn does. The eigendecomposition is of the n×n kernel when
+    n ≤ d (the dual form) and of the d×d Gram otherwise, so its cost never exceeds min(n, d)³.
+    """
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    yy = torch.as_tensor(np.where(np.asarray(y) == 1, 1.0, -1.0))
+    sw = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64))
+    lam = torch.as_tensor(np.asarray(lambdas, dtype=np.float64))
+    total = sw.sum(-1, keepdim=True)
+    xm = (sw[..., None] * xt).sum(1, keepdim=True) / total[..., None]
+    ym = (sw * yy).sum(-1, keepdim=True) / total
+    root = sw.sqrt()
+    xc = root[..., None] * (xt - xm)
+    yc = root * (yy - ym)
+    n, d = xt.shape[1:]
+    if n <= d:
+        evals, u = torch.linalg.eigh(xc @ xc.transpose(1, 2))
+        proj = torch.einsum("pnk,pn->pk", u, yc)  # [P, n]
+        alpha = torch.einsum("pnk,pgk->pgn", u, proj[:, None] / (evals[:, None] + lam[None, :, None]))
+        w = torch.einsum("pnd,pgn->pgd", xc, alpha)
+    else:
+        evals, v = torch.linalg.eigh(xc.transpose(1, 2) @ xc)
+        proj = torch.einsum("pdk,pd->pk", v, torch.einsum("pnd,pn->pd", xc, yc))
+        w = torch.einsum("pdk,pgk->pgd", v, proj[:, None] / (evals.clamp_min(0)[:, None] + lam[None, :, None]))
+    b = ym - torch.einsum("pgd,pd->pg", w, xm[:, 0])
+    return w.numpy(), b.numpy()
+
+
+# ---------------------------------------------------------------------------------------------- prototype, kNN
+def prototype_margin(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """Nearest class centroid by cosine similarity: margin = cos(x, μ1) − cos(x, μ0).
+
+    The centroids are means of L2-normalised training rows (as in SimpleShot), so one long feature vector cannot
+    dominate its class's prototype.
+    """
+    xn = l2_normalise(x_train)
+    mu1 = l2_normalise(xn[y_train == 1].mean(0))
+    mu0 = l2_normalise(xn[y_train == 0].mean(0))
+    xt = l2_normalise(x_test)
+    return xt @ mu1 - xt @ mu0
+
+
+def knn_margin(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int) -> np.ndarray:
+    """k nearest neighbours by cosine (faiss IndexFlatIP on L2-normalised rows).
+
+    margin = class-balanced share of positive neighbours − 0.5, each neighbour weighted by its class's balanced
+    weight so a 1:4 training set does not vote 'negative' by default. For a fixed k this ranks test images exactly
+    as the plain share of positive neighbours does.
+    """
+    k = int(min(k, len(y_train)))
+    index = faiss.IndexFlatIP(x_train.shape[1])
+    index.add(np.ascontiguousarray(l2_normalise(x_train), dtype=np.float32))
+    _, nbrs = index.search(np.ascontiguousarray(l2_normalise(x_test), dtype=np.float32), k)
+    w = balanced_weights(y_train)
+    nb_w = w[nbrs]
+    pos = (nb_w * (y_train[nbrs] == 1)).sum(1)
+    return pos / nb_w.sum(1) - 0.5
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def batched_mcc(y: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """MCC of (margin > 0) against y over the last axis, for a whole stack at once; 0 where undefined.
+
+    Written out because C selection scores every (draw, C) pair of a grid in one go; sklearn's
+    matthews_corrcoef would be one Python call per pair. Tested equal to sklearn's (which also returns 0 when a
+    row or column of the confusion matrix is empty).
+    """
+    y = np.broadcast_to(np.asarray(y) == 1, margin.shape)
+    p = margin > 0
+    tp = (y & p).sum(-1).astype(np.float64)
+    tn = (~y & ~p).sum(-1).astype(np.float64)
+    fp = (~y & p).sum(-1).astype(np.float64)
+    fn = (y & ~p).sum(-1).astype(np.float64)
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def pick_best(scores: np.ndarray) -> np.ndarray:
+    """Index of the best score along the last axis; ties go to the FIRST grid value (the most regularised)."""
+    return np.argmax(np.nan_to_num(scores, nan=-np.inf) >= np.nanmax(scores, axis=-1, keepdims=True) - 1e-12,
+                     axis=-1)
