@@ -21,7 +21,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # help texts show literal [brackets] (defaults, optional parts), not markup
 )
 console = Console(stderr=True)
 out = Console()
