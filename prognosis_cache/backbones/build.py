@@ -26,11 +26,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from prognosis_cache.backbones.registry import FAMILY_BUILDERS, REGISTRY, BackboneSpec
 from prognosis_cache.errors import PcacheError, WeightsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class FeatureNet(nn.Module):
+    """forward(x) -> (B, dim) features of the library model kept as `net`, whose own forward already yields them.
+
+    The wrapper gives every family the same shape (PEFT targets are named under `net.`), whatever the library.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 @dataclass

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
 from prognosis_cache.backbones.build import (
+    FeatureNet,
     WeightsChoice,
     availability_check,
     hf_cache_dir,
@@ -48,15 +48,6 @@ CHECKPOINT_NAMES = (
 )
 
 
-class OpenClipVisual(nn.Module):
-    """forward(x) -> (B, embed_dim) image embedding of the open_clip visual tower kept as `net`."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def make_architecture(arch: dict[str, Any]) -> nn.Module:
@@ -121,4 +112,4 @@ def build(spec: BackboneSpec, arch: dict[str, Any], choice: WeightsChoice) -> tu
         if any(k.startswith("visual.") for k in state):
             state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
         load_state_into(visual, state, file)
-    return OpenClipVisual(visual), weights_id
+    return FeatureNet(visual), weights_id

@@ -21,6 +21,7 @@ from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from prognosis_cache.backbones.build import (
+    FeatureNet,
     WeightsChoice,
     availability_check,
     is_offline,
@@ -44,15 +45,6 @@ OLD_DENSENET_KEY = re.compile(
 )
 
 
-class PooledCNN(nn.Module):
-    """forward(x) -> (B, C) pooled features of the torchvision model kept as `net` (head = Identity)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def make_architecture(arch: dict[str, Any]) -> nn.Module:
@@ -127,4 +119,4 @@ def build(spec: BackboneSpec, arch: dict[str, Any], choice: WeightsChoice) -> tu
         net = make_architecture(arch)
     if state is not None:
         load_state_into(net, modernise_keys(state), file, ignorable=HEAD_KEYS)
-    return PooledCNN(net), weights_id
+    return FeatureNet(net), weights_id
