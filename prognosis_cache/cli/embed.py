@@ -133,6 +133,8 @@ def cache_info(
         out.print_json(json.dumps(info | {"failures": [vars(f) for f in cache.failed]}))
         return
     table = Table(show_header=False, title=str(file))
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in info.items():
         table.add_row(key, str(value))
     out.print(table)
