@@ -130,3 +130,38 @@ def test_knn_default_k_stays_odd_so_one_shot_draws_do_not_tie(cache):
     ks = {(r["k_shot"], r["strategy_params"]) for r in frame.iter_rows(named=True)}
     assert all(('"k": 1' in p) if k == 1 else ('"k": 3' in p) for k, p in ks)
     assert (frame.filter(pl.col("k_shot") == 1)["mcc"] != 0).any()
+
+
+def _full_rows_both_ways(cache_path, cv="5"):
+    from prognosis_cache.evaluate import probe
+    from prognosis_cache.evaluate.splits import leave_one_center_out, patient_kfold
+
+    data = read_cache(cache_path)
+    y = np.nan_to_num(data.labels["outcome"], nan=-1).astype(np.int64)
+    groups = np.asarray(data.patient_id, dtype=str)
+    x = probe.sv.l2_normalise(data.features.astype(np.float32))
+    splits = (patient_kfold(y, groups, 5, 0) if cv == "5"
+              else leave_one_center_out(y, groups, np.asarray(data.center, dtype=str)))
+    batched = probe._full_rows("logreg", x, y, groups, splits, "inner-cv", "l2", 0, 5)
+    generic = probe._full_rows_generic("logreg", x, y, groups, splits, "inner-cv", "l2", 0, 5)
+    return batched, generic
+
+
+def test_batched_full_logreg_equals_one_split_at_a_time(tmp_path):
+    """The shared-matrix batch (all outer folds' inner folds and refits at once) must choose the same C and give
+    the same test margins as the per-split path (exact Newton per problem), within the solvers' 1e-4 bound."""
+    batched, generic = _full_rows_both_ways(make_cache(tmp_path / "a.h5", d=40, shift=0.8))
+    for (sa, fa, ma), (sb, fb, mb) in zip(batched, generic, strict=True):
+        assert sa.fold == sb.fold and fa["status"] == fb["status"] == "ok"
+        assert fa["strategy_params"] == fb["strategy_params"]
+        np.testing.assert_allclose(ma, mb, atol=1e-4 * (1 + np.abs(mb).max()))
+
+
+def test_batched_full_logreg_keeps_degenerate_reasons(tmp_path):
+    base = read_cache(make_cache(tmp_path / "b.h5"))
+    y = base.labels["outcome"].copy()
+    y[base.center == "A"] = 0  # centre A's test side has one class; training on A alone has one class
+    batched, generic = _full_rows_both_ways(make_cache(tmp_path / "c.h5", labels=y), cv="loco")
+    for (_, fa, ma), (_, fb, mb) in zip(batched, generic, strict=True):
+        assert fa["status"] == fb["status"] == "degenerate" and fa["reason"] == fb["reason"]
+        assert ma is None and mb is None

@@ -115,11 +115,104 @@ def test_pick_best_breaks_ties_to_first():
     np.testing.assert_array_equal(sv.pick_best(np.array([[0.0, 0.0], [0.0, 1.0]])), [0, 1])
 
 
-def test_wide_full_data_path_uses_sklearn_and_agrees(monkeypatch):
+def test_wide_full_data_path_agrees_with_newton(monkeypatch):
+    """Wide n ≥ d problems go to the shared-matrix L-BFGS one at a time; it must land where exact Newton does.
+
+    Tolerance as for sklearn above: 1e-4 × (1 + max |value|) on held-out points.
+    """
     monkeypatch.setattr(sv, "NEWTON_MAX_DIM", 4)
     x, y, xt = problems(60, 10, p=2)
     w, b = sv.logistic_fit(x, y, sv.balanced_weights(y), [0.1, 10.0])
     monkeypatch.setattr(sv, "NEWTON_MAX_DIM", 10_000)
     wn, bn = sv.logistic_fit(x, y, sv.balanced_weights(y), [0.1, 10.0])
-    np.testing.assert_allclose(np.einsum("nd,pgd->pgn", xt, w) + b[..., None],
-                               np.einsum("nd,pgd->pgn", xt, wn) + bn[..., None], atol=1e-3)
+    expected = np.einsum("nd,pgd->pgn", xt, wn) + bn[..., None]
+    np.testing.assert_allclose(np.einsum("nd,pgd->pgn", xt, w) + b[..., None], expected,
+                               atol=1e-4 * (1 + np.abs(expected).max()))
+
+
+def shared_problem(n=400, d=30, seed=5):
+    """One float32 matrix (values exactly representable, so references see the same numbers) and 3 row masks."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.25).astype(int)
+    x = (rng.normal(size=(n, d)) + 0.5 * y[:, None] * (rng.random(d) < 0.3) + 0.3).astype(np.float32)
+    x[:, 0] *= 10  # an anisotropic direction the preconditioner has to handle
+    masks = rng.random((3, n)) < np.array([[0.6], [0.75], [0.9]])
+    return x, y, masks
+
+
+def test_shared_logistic_matches_newton_across_the_c_grid():
+    """Every (mask, C) column against float64 Newton on that mask's rows (which agrees with sklearn at 1e-6).
+
+    Tolerance: 1e-4 × (1 + max |value|) over all rows, the same bound as the sklearn tests; at C = 1e-6 the
+    decision values are ~1e-4 in size, so there the bound is 1e-4 relative to them (the stopping rule is relative).
+    """
+    x, y, masks = shared_problem()
+    sw = sv.balanced_weights(np.broadcast_to(y, masks.shape), masks)
+    w, b = sv.logistic_fit_shared(x, y, sw, sv.C_GRID)
+    x64 = x.astype(np.float64)
+    for p, mask in enumerate(masks):
+        wn, bn = sv.logistic_fit(x64[mask][None], y[mask][None], sv.balanced_weights(y[mask])[None], sv.C_GRID)
+        for g, c in enumerate(sv.C_GRID):
+            expected = x64 @ wn[0, g] + bn[0, g]
+            scale = np.abs(expected).max() if c < 1e-3 else 1 + np.abs(expected).max()
+            np.testing.assert_allclose(x64 @ w[p, g] + b[p, g], expected, atol=1e-4 * scale, err_msg=f"p={p} C={c}")
+
+
+def test_shared_logistic_matches_sklearn():
+    x, y, masks = shared_problem(seed=6)
+    sw = sv.balanced_weights(np.broadcast_to(y, masks.shape), masks)
+    w, b = sv.logistic_fit_shared(x, y, sw, [1e-2, 1.0, 1e2])
+    x64 = x.astype(np.float64)
+    for g, c in enumerate([1e-2, 1.0, 1e2]):
+        ref = LogisticRegression(C=c, class_weight="balanced", tol=1e-10, max_iter=10_000).fit(x64[masks[1]],
+                                                                                               y[masks[1]])
+        expected = ref.decision_function(x64)
+        np.testing.assert_allclose(x64 @ w[1, g] + b[1, g], expected, atol=1e-4 * (1 + np.abs(expected).max()))
+
+
+def test_shared_logistic_ignores_rows_outside_the_mask():
+    """A masked problem over the whole matrix equals the same problem on its rows alone; rows out of every mask
+    (here: scaled far away) must not move it."""
+    x, y, masks = shared_problem(seed=7)
+    x[~masks[0]] *= 50
+    sw = sv.balanced_weights(y, masks[0])[None]
+    w, b = sv.logistic_fit_shared(x, y, sw, [1.0, 100.0])
+    w1, b1 = sv.logistic_fit_shared(x[masks[0]], y[masks[0]], sv.balanced_weights(y[masks[0]])[None], [1.0, 100.0])
+    held = x[masks[0]].astype(np.float64)
+    expected = held @ w1[0].T + b1[0]
+    np.testing.assert_allclose(held @ w[0].T + b[0], expected, atol=1e-4 * (1 + np.abs(expected).max()))
+
+
+def test_shared_logistic_in_chunks_equals_one_batch(monkeypatch):
+    """Big caches are solved a few problems at a time; the columns are independent problems, so chunking must not
+    change the answer beyond the solver's own 1e-4 bound."""
+    x, y, masks = shared_problem(seed=8)
+    sw = sv.balanced_weights(np.broadcast_to(y, masks.shape), masks)
+    w, b = sv.logistic_fit_shared(x, y, sw, [1e-2, 1.0, 1e2])
+    monkeypatch.setattr(sv, "SHARED_MAX_ELEMENTS", len(y) * 3)  # one problem (3 C columns) per chunk
+    wc, bc = sv.logistic_fit_shared(x, y, sw, [1e-2, 1.0, 1e2])
+    expected = np.einsum("nd,pgd->pgn", x, w) + b[..., None]
+    np.testing.assert_allclose(np.einsum("nd,pgd->pgn", x, wc) + bc[..., None], expected,
+                               atol=1e-4 * (1 + np.abs(expected).max()))
+
+
+def test_shared_logistic_on_ill_conditioned_rank_deficient_features():
+    """Features of rank 30 in 80 dims, a large common offset and a 1e3 spread of scales (as real embeddings have).
+
+    Tolerance 1e-3 × (1 + max |value|), looser than the 1e-4 above: the stopping rule bounds the curvature-weighted
+    RMS change of the decision values, and at C = 1e6 the weakly curved directions let the worst row move a few
+    times more than the RMS. A solver that mishandled the null space or the offset would be off by O(1).
+    """
+    rng = np.random.default_rng(0)
+    y = (rng.random(600) < 0.3).astype(int)
+    z = rng.normal(size=(600, 30)) * np.logspace(0, -3, 30) + 0.7 * y[:, None] * (rng.random(30) < 0.2)
+    x = (z @ rng.normal(size=(30, 80)) + 2.0).astype(np.float32)
+    masks = rng.random((2, 600)) < np.array([[0.7], [0.9]])
+    w, b = sv.logistic_fit_shared(x, y, sv.balanced_weights(np.broadcast_to(y, masks.shape), masks), sv.C_GRID)
+    x64 = x.astype(np.float64)
+    for p, mask in enumerate(masks):
+        wn, bn = sv.logistic_fit(x64[mask][None], y[mask][None], sv.balanced_weights(y[mask])[None], sv.C_GRID)
+        for g, c in enumerate(sv.C_GRID):
+            expected = x64 @ wn[0, g] + bn[0, g]
+            np.testing.assert_allclose(x64 @ w[p, g] + b[p, g], expected, atol=1e-3 * (1 + np.abs(expected).max()),
+                                       err_msg=f"p={p} C={c}")

@@ -5,8 +5,14 @@ import itertools
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.model_selection import StratifiedGroupKFold
 
-from prognosis_cache.evaluate.splits import few_shot_draws, leave_one_center_out, patient_kfold
+from prognosis_cache.evaluate.splits import (
+    few_shot_draws,
+    leave_one_center_out,
+    patient_kfold,
+    stratified_group_folds,
+)
 
 
 def cohort(seed: int, n_patients: int = 60, max_images: int = 4, pos_rate: float = 0.3, nan_rate: float = 0.05):
@@ -99,3 +105,20 @@ def test_too_few_patients_marks_degenerate_instead_of_crashing():
     draws = few_shot_draws(y, groups, split.train_idx, (1, n_pos + 1), seeds=range(2))
     assert [bool(d.degenerate) for d in draws] == [False, True, False, True]
     assert "class 1" in draws[1].degenerate
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_patients=st.integers(5, 60), prevalence=st.floats(0.1, 0.9), n_splits=st.integers(2, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_fast_group_folds_equal_sklearns(n_patients, prevalence, n_splits, seed):
+    """Our vectorised greedy must give exactly sklearn's StratifiedGroupKFold folds (same seed, same rows)."""
+    rng = np.random.default_rng(seed)
+    per_patient = rng.integers(1, 4, n_patients)
+    groups = np.repeat([f"p{i:03d}" for i in range(n_patients)], per_patient)
+    y = np.repeat((rng.random(n_patients) < prevalence).astype(int), per_patient)
+    y[rng.random(len(y)) < 0.1] ^= 1  # some patients with mixed labels
+    if len(np.unique(y)) < 2 or np.bincount(y).min() < n_splits:
+        return
+    ours = stratified_group_folds(y, groups, n_splits, seed % 1000)
+    ref = [te for _, te in StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed % 1000).split(y, y, groups)]
+    assert [a.tolist() for a in ours] == [b.tolist() for b in ref]

@@ -44,7 +44,8 @@ def print_report(report: EmbedReport) -> None:
 @app.command(epilog=EXIT_CODES)
 @user_errors
 def embed(
-    manifest: Annotated[Path, typer.Option(help="CSV/Parquet manifest: image_id, path, patient_id, optional center, labels.")],
+    manifest: Annotated[Path, typer.Option(
+        help="CSV/Parquet manifest: image_id, path, patient_id, optional center, labels.")],
     backbone: Annotated[str, typer.Option(help="Registry entry (see `pcache backbones`).")] = "dinov2-small",
     weights: Annotated[str | None, typer.Option(
         help="Default: real weights from the local HF/torch cache. PATH: a local folder or weights file. "

@@ -31,7 +31,8 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
 @app.command(epilog=EPILOG)
 @user_errors
 def finetune(
-    manifest: Annotated[Path, typer.Option(help="CSV/Parquet manifest: image_id, path, patient_id, optional center, labels.")],
+    manifest: Annotated[Path, typer.Option(
+        help="CSV/Parquet manifest: image_id, path, patient_id, optional center, labels.")],
     task: Annotated[str, typer.Option(help="Binary label column to predict.")],
     strategy: Annotated[str, typer.Option(help=f"One of {', '.join(STRATEGIES)}.")] = "lora",
     backbone: Annotated[str, typer.Option(help="Registry entry (see `pcache backbones`).")] = "dinov2-small",
