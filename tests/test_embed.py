@@ -129,3 +129,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.fingerprint == b.fingerprint
     assert a.features.tobytes() == b.features.tobytes()
     assert straight.n_new == n
+
+
+def test_worker_processes_give_identical_features(cohort, tmp_path):
+    """Decoding in 2 worker processes (the GPU-feeding setup) must not change a single bit, nor the row order."""
+    manifest = load_manifest(cohort)
+    serial = embed_manifest(manifest, TINY, weights="random:0", out=tmp_path / "a.h5", batch_size=4, workers=0)
+    parallel = embed_manifest(manifest, TINY, weights="random:0", out=tmp_path / "b.h5", batch_size=4, workers=2)
+    a, b = read_cache(serial.path, dtype=np.float16), read_cache(parallel.path, dtype=np.float16)
+    assert a.image_id.tolist() == b.image_id.tolist() == manifest.frame["image_id"].to_list()
+    assert a.features.tobytes() == b.features.tobytes()
