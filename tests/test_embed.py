@@ -54,6 +54,7 @@ def test_mixed_folder_embeds_and_lists_failures(cohort, tmp_path):
     result = CliRunner().invoke(app, ["embed", "--manifest", str(manifest), "--backbone", TINY, "--weights",
                                       "random:0", "--out", str(tmp_path / "c.h5"), "--batch-size", "4"])
     assert result.exit_code == 1, result.output  # documented: 1 = cache written, some images failed
+    assert isinstance(result.exception, SystemExit), result.exception  # a deliberate exit, not a crash
     assert "Traceback" not in result.output
     cache = read_cache(tmp_path / "c.h5")
     failed = {f.image_id: f.reason for f in cache.failed}
@@ -75,7 +76,7 @@ def test_on_error_fail_stops_with_exit_3(cohort, tmp_path):
     manifest = mixed_manifest(cohort, tmp_path)
     result = CliRunner().invoke(app, ["embed", "--manifest", str(manifest), "--backbone", TINY, "--weights",
                                       "random:0", "--out", str(tmp_path / "c.h5"), "--on-error", "fail"])
-    assert result.exit_code == 3
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit), result.exception
     assert "manifest row" in result.output and "Traceback" not in result.output
 
 

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from prognosis_cache.cache.h5 import read_attrs, read_cache
-from prognosis_cache.cli._app import app, console, out, user_errors
+from prognosis_cache.cli._app import app, console, user_errors
+from prognosis_cache.cli._app import out as stdout
 from prognosis_cache.data.manifest import load_manifest
 from prognosis_cache.embed import DEFAULT_CACHE_ROOT, EmbedReport, embed_manifest
 
@@ -93,7 +94,7 @@ def embed(
             console.print("[yellow]interrupted:[/] finished batches are kept; re-run the same command to resume")
             raise typer.Exit(130) from None
     print_report(report)
-    out.print(str(report.path))
+    stdout.print(str(report.path))
     raise typer.Exit(1 if report.failed else 0)
 
 
@@ -131,18 +132,18 @@ def cache_info(
         "manifest_sha256": attrs.get("manifest_sha256"),
     }
     if as_json:
-        out.print_json(json.dumps(info | {"failures": [vars(f) for f in cache.failed]}))
+        stdout.print_json(json.dumps(info | {"failures": [vars(f) for f in cache.failed]}))
         return
     table = Table(show_header=False, title=str(file))
     table.add_column("field", no_wrap=True)
     table.add_column("value", overflow="fold")
     for key, value in info.items():
         table.add_row(key, str(value))
-    out.print(table)
+    stdout.print(table)
     if cache.failed and (failed or len(cache.failed) <= 10):
         ft = Table(title="failed images")
         for col in ("image_id", "path", "reason"):
             ft.add_column(col, overflow="fold")
         for f in cache.failed:
             ft.add_row(f.image_id, f.path, f.reason)
-        out.print(ft)
+        stdout.print(ft)
