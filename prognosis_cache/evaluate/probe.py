@@ -250,6 +250,7 @@ def _full_logreg_shared(x: np.ndarray, y: np.ndarray, groups: np.ndarray, splits
     reasons: list[str] = []
     inner_sets: list[list[Any]] = []
     masks: list[np.ndarray] = []
+    tols: list[float] = []  # inner folds only score C: a looser stop (their large-C columns dominate the solve)
     for split in splits:
         reason = degenerate_reason(y[split.test_idx]) or (
             "training side holds one class" if len(np.unique(y[split.train_idx])) < 2 else "")
@@ -261,15 +262,17 @@ def _full_logreg_shared(x: np.ndarray, y: np.ndarray, groups: np.ndarray, splits
                 reason = f"inner CV impossible: {exc}"
         reasons.append(reason)
         inner_sets.append(inner)
-        for tr in [split.train_idx[s.train_idx] for s in inner] + ([split.train_idx] if not reason else []):
+        fits = [(split.train_idx[s.train_idx], sv.SELECTION_TOL) for s in inner]
+        for tr, tol in fits + ([(split.train_idx, sv.REFIT_TOL)] if not reason else []):
             mask = np.zeros(len(y), dtype=bool)
             mask[tr] = True
             masks.append(mask)
+            tols.append(tol)
     w = b = np.zeros((0, len(grid), x.shape[1]))
     if masks:
         stacked = np.stack(masks)
         weights = sv.balanced_weights(np.broadcast_to(y, stacked.shape), stacked)
-        w, b = sv.logistic_fit_shared(x, np.where(y == 1, 1, 0), weights, grid)
+        w, b = sv.logistic_fit_shared(x, np.where(y == 1, 1, 0), weights, grid, tol=np.asarray(tols))
     n_fitted = sum(not r for r in reasons)
     per_split = (time.perf_counter() - start) / max(n_fitted, 1)
     out = []

@@ -22,6 +22,8 @@ C_GRID = (1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6)
 RIDGE_GRID = (1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3)  # most regularised first: ties pick it
 K_GRID = (21, 11, 5, 3, 1)  # smoothest first: ties pick it
 TRANSFORMS = ("none", "l2", "standardise")
+REFIT_TOL = 3e-5  # logistic_fit_shared's default stop (fits whose margins are reported)
+SELECTION_TOL = 1e-3  # logistic_fit_shared tolerance for fits that only score a C (inner-CV folds)
 SHARED_MAX_ELEMENTS = 2**23  # per [n, columns] float64 working array of logistic_fit_shared (64 MiB)
 NEWTON_MAX_DIM = 256  # n ≥ d above this: a Newton step's n·d² costs more than a whole L-BFGS fit
 
@@ -289,7 +291,7 @@ def _line_search(s: torch.Tensor, yy: torch.Tensor, c: torch.Tensor, w: torch.Te
 
 
 def logistic_fit_shared(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, cs: Sequence[float] | np.ndarray,
-                        tol: float = 3e-5, max_iter: int = 500, history: int = 20,
+                        tol: float | Sequence[float] | np.ndarray = REFIT_TOL, max_iter: int = 500, history: int = 20,
                         preconditioner: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Class-weighted L2 logistic regression for many problems over ONE matrix (the full-data case).
@@ -310,7 +312,10 @@ def logistic_fit_shared(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
 
     A problem stops when gᵀHg (H the L-BFGS inverse Hessian: the Newton decrement's estimate) is below
     tol² · Σ s q(1−q) · (mean f² + 1e-12): the remaining Newton step would move the curvature-weighted RMS
-    decision value by less than `tol` times the RMS decision value. Converged problems leave the batch.
+    decision value by less than `tol` times the RMS decision value. Converged problems leave the batch. `tol` may
+    be one value per problem [P]: a fit that only feeds a selection score (an inner-CV fold's validation MCC) can
+    stop looser than a refit whose margins are reported; in the full-data C search the inner folds' large-C
+    columns are most of the iterations.
     Problems are solved in chunks of at most SHARED_MAX_ELEMENTS / (n·G) so the float64 [n, columns] working
     arrays stay bounded on big caches; `preconditioner` (μ, λ, V, mean Σs) lets the chunks share one eigh.
     """
@@ -320,13 +325,14 @@ def logistic_fit_shared(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
     sw = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64))
     cs = np.asarray(cs, dtype=np.float64)
     p_, g_ = sw.shape[0], len(cs)
+    tols = np.broadcast_to(np.asarray(tol, dtype=np.float64), (p_,))
     if preconditioner is None:
         preconditioner = (*_eigen_preconditioner(xt, sw.mean(0)), float(sw.mean(0).sum()))
     mu, lam, vec, mean_total = preconditioner
     chunk = max(1, SHARED_MAX_ELEMENTS // (n * g_))
     if p_ > chunk:  # bound the [n, P·G] working arrays; the chunks share one preconditioner
-        parts = [logistic_fit_shared(xt.numpy(), y, sample_weight[i:i + chunk], cs, tol, max_iter, history,
-                                     preconditioner) for i in range(0, p_, chunk)]
+        parts = [logistic_fit_shared(xt.numpy(), y, sample_weight[i:i + chunk], cs, tols[i:i + chunk], max_iter,
+                                     history, preconditioner) for i in range(0, p_, chunk)]
         return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
     q_ = p_ * g_  # columns: problem-major, C-minor
     w_out = torch.zeros(d, q_, dtype=torch.float64)
@@ -335,6 +341,7 @@ def logistic_fit_shared(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
     act = torch.arange(q_)
     s = sw.repeat_interleave(g_, dim=0).T.contiguous()  # [n, Q]
     c = torch.as_tensor(np.tile(cs, p_))
+    tol2 = torch.as_tensor(np.repeat(tols * tols, g_))  # per column
     stot = s.sum(0)
     w = torch.zeros(d, q_, dtype=torch.float64)
     beta = torch.zeros(q_, dtype=torch.float64)
@@ -345,14 +352,15 @@ def logistic_fit_shared(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
     for _ in range(max_iter):
         direction = _two_loop(grad, hist, vec, (curv / mean_total)[None] * lam[:, None] + 1.0 / c[None], curv)
         dec = (grad * direction).sum(0)
-        done = dec <= tol * tol * curv * ((s * f * f).sum(0) / stot + 1e-12)
+        done = dec <= tol2 * curv * ((s * f * f).sum(0) / stot + 1e-12)
         if bool(done.any()):
             keep = ~done
             w_out[:, act[done]], b_out[act[done]] = w[:, done], beta[done]
             act = act[keep]
             if act.numel() == 0:
                 break
-            s, c, stot, w, beta, f = s[:, keep], c[keep], stot[keep], w[:, keep], beta[keep], f[:, keep]
+            s, c, tol2, stot = s[:, keep], c[keep], tol2[keep], stot[keep]
+            w, beta, f = w[:, keep], beta[keep], f[:, keep]
             grad, curv, obj, direction = grad[:, keep], curv[keep], obj[keep], direction[:, keep]
             hist = [(hs[:, keep], hy[:, keep], rho[keep]) for hs, hy, rho in hist]
         step_w = (-direction[:-1]).float()
