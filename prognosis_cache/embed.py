@@ -23,6 +23,7 @@ from prognosis_cache.cache.fingerprint import fingerprint_fields, fingerprint_of
 from prognosis_cache.cache.h5 import CacheData, FailedImage, read_cache, write_cache
 from prognosis_cache.data.loader import batched_images
 from prognosis_cache.data.manifest import Manifest, check_files, load_manifest
+from prognosis_cache.devices import pick_device
 from prognosis_cache.errors import CacheError, PcacheError
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -48,18 +49,6 @@ class EmbedReport:
     @property
     def images_per_second(self) -> float:
         return self.n_new / self.seconds if self.seconds > 0 else float("nan")
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise PcacheError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PcacheError("--device cuda asked for, but torch sees no GPU", "use --device cpu or auto")
-    return dev
 
 
 def compute_precision(device: torch.device) -> str:

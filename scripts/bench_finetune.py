@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from prognosis_cache.backbones import build_backbone
 from prognosis_cache.data.loader import Batch
+from prognosis_cache.devices import pick_device
 from prognosis_cache.finetune import trainer as trainer_module
 from prognosis_cache.finetune.strategies import adapt, paper_preset, param_groups
-from prognosis_cache.finetune.trainer import TrainConfig, balanced_class_weight, pick_device, train
+from prognosis_cache.finetune.trainer import TrainConfig, balanced_class_weight, train
 
 
 def in_memory_loader(pixels: torch.Tensor):

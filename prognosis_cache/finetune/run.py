@@ -39,6 +39,7 @@ import torch
 
 from prognosis_cache.backbones import build_backbone
 from prognosis_cache.data.manifest import Manifest, load_manifest
+from prognosis_cache.devices import pick_device
 from prognosis_cache.errors import PcacheError
 from prognosis_cache.evaluate.metrics import binary_metrics, degenerate_reason
 from prognosis_cache.evaluate.splits import Split, few_shot_draws, leave_one_center_out, patient_kfold
@@ -57,7 +58,6 @@ from prognosis_cache.finetune.trainer import (
     init_distributed,
     load_safetensors,
     load_trainable,
-    pick_device,
     predict_logits,
     save_safetensors,
     train,
@@ -249,7 +249,7 @@ def run_finetune(request: FinetuneRequest, progress: Callable[[str], None] | Non
     check_applicable(pristine, request.strategy)  # refuse before any training
     device = pick_device(request.device)
     dist = init_distributed(device)
-    device = pick_device(request.device, dist)
+    device = pick_device(request.device, dist.local_rank)
     from prognosis_cache.embed import cache_fingerprint, compute_precision
 
     _, fingerprint = cache_fingerprint(pristine, "float16", compute_precision(device))

@@ -101,23 +101,6 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
-def pick_device(device: str, dist: Dist | None = None) -> torch.device:
-    """auto → cuda (this rank's GPU under torchrun) when available, else cpu."""
-    local = int(os.environ.get("LOCAL_RANK", "0")) if dist is None else dist.local_rank
-    if device == "auto":
-        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise PcacheError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PcacheError("--device cuda asked for, but torch sees no GPU", "use --device cpu or auto")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local}")
-    return dev
-
-
 # ---------------------------------------------------------------------------------------------- epoch plan
 @dataclass(frozen=True)
 class EpochPlan:
