@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import torch
 
@@ -24,3 +26,13 @@ def pick_device(device: str = "auto", local_rank: int | None = None) -> torch.de
         if dev.index is None:
             dev = torch.device(f"cuda:{local}")
     return dev
+
+
+def compute_precision(device: torch.device) -> str:
+    """bf16 autocast on GPU, fp32 on CPU: it changes the numbers, so caches record it in their fingerprint."""
+    return "bf16-autocast" if device.type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The forward-pass precision `compute_precision` names: bf16 autocast on GPU, plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -38,6 +38,7 @@ from torch import nn
 
 from prognosis_cache.backbones.registry import Preprocess
 from prognosis_cache.data.loader import batched_images
+from prognosis_cache.devices import autocast
 from prognosis_cache.errors import PcacheError
 from prognosis_cache.finetune.strategies import Classifier, StrategyConfig, param_groups
 
@@ -201,10 +202,6 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _bar(enabled: bool) -> Progress | None:
     if not enabled:
         return None
@@ -233,7 +230,7 @@ def predict_logits(model: nn.Module, paths: Sequence[Path], rows: np.ndarray, pr
     if len(shard):
         loader = batched_images(paths, shard.tolist(), pre, batch_size=batch_size, workers=workers,
                                 pin_memory=device.type == "cuda")
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device):
             for batch in loader:
                 if not batch.rows:
                     continue
@@ -337,7 +334,7 @@ def train(model: Classifier, config: StrategyConfig, paths: Sequence[Path], labe
                         x = batch.pixels.to(device, non_blocking=True)
                         y = torch.as_tensor(labels[batch.rows], dtype=torch.long, device=device)
                         w = torch.as_tensor(weights, dtype=torch.float32, device=device)
-                        with _autocast(device):
+                        with autocast(device):
                             logits = net(x)
                         ce = F.cross_entropy(logits.float(), y, reduction="none")
                         loss = (ce * w).sum() * (dist.world / plan.denominators[j])
