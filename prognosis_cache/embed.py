@@ -8,7 +8,6 @@ recomputed. Failed images are recorded with their reason and retried by the next
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from prognosis_cache.cache.fingerprint import fingerprint_fields, fingerprint_of
 from prognosis_cache.cache.h5 import CacheData, FailedImage, read_cache, write_cache
 from prognosis_cache.data.loader import batched_images
 from prognosis_cache.data.manifest import Manifest, check_files, load_manifest
-from prognosis_cache.devices import pick_device
+from prognosis_cache.devices import autocast, compute_precision, pick_device
 from prognosis_cache.errors import CacheError, PcacheError
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -49,11 +48,6 @@ class EmbedReport:
     @property
     def images_per_second(self) -> float:
         return self.n_new / self.seconds if self.seconds > 0 else float("nan")
-
-
-def compute_precision(device: torch.device) -> str:
-    """bf16 autocast on GPU, fp32 on CPU: it changes the numbers, so it is part of the fingerprint."""
-    return "bf16-autocast" if device.type == "cuda" else "fp32"
 
 
 def cache_fingerprint(loaded: LoadedBackbone, dtype: str, precision: str) -> tuple[dict, str]:
@@ -82,8 +76,7 @@ def _forward(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device,
     x = pixels.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device):
         return model(x).float().cpu()
 
 

@@ -39,7 +39,8 @@ import torch
 
 from prognosis_cache.backbones import build_backbone
 from prognosis_cache.data.manifest import Manifest, load_manifest
-from prognosis_cache.devices import pick_device
+from prognosis_cache.devices import compute_precision, pick_device
+from prognosis_cache.embed import cache_fingerprint
 from prognosis_cache.errors import PcacheError
 from prognosis_cache.evaluate.metrics import binary_metrics, degenerate_reason
 from prognosis_cache.evaluate.splits import Split, few_shot_draws, leave_one_center_out, patient_kfold
@@ -250,8 +251,6 @@ def run_finetune(request: FinetuneRequest, progress: Callable[[str], None] | Non
     device = pick_device(request.device)
     dist = init_distributed(device)
     device = pick_device(request.device, dist.local_rank)
-    from prognosis_cache.embed import cache_fingerprint, compute_precision
-
     _, fingerprint = cache_fingerprint(pristine, "float16", compute_precision(device))
     yi = np.nan_to_num(y, nan=-1).astype(np.int64)  # NaN rows are never in a split
     paths = manifest.image_paths()
