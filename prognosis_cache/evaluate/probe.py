@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,18 +55,29 @@ class Prediction:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def binary_labels(cache: CacheData, task: str) -> np.ndarray:
-    """The task's labels (0/1, NaN unknown); refuses unknown tasks and tasks with more than two classes."""
-    if task not in cache.labels:
-        raise PcacheError(f"task {task!r} is not in cache {cache.path.name}; it has: {sorted(cache.labels)}",
+def binary_column(labels: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]], task: str,
+                  source: str) -> np.ndarray:
+    """A task's labels as 0/1 floats (NaN unknown) from `labels`/`classes` of a cache or manifest named `source`.
+
+    Refuses unknown tasks and tasks with more than two classes: probes and fine-tuning are scored as binary (the
+    study's one-vs-rest case), so a categorical column must first be turned into a 0/1 column.
+    """
+    if task not in labels:
+        raise PcacheError(f"task {task!r} is not a label of {source}; it has: {sorted(labels)}",
                           "pass one of those with --task")
-    y = np.asarray(cache.labels[task], dtype=np.float64)
+    y = np.asarray(labels[task], dtype=np.float64)
     codes = np.unique(y[~np.isnan(y)])
-    n_classes = max(len(cache.classes.get(task, [])), len(codes))
+    names = list(classes.get(task, []))
+    n_classes = max(len(names), len(codes))
     if n_classes > 2 or not set(codes.tolist()) <= {0.0, 1.0}:
-        raise PcacheError(f"task {task!r} has {n_classes} classes {cache.classes.get(task, [])}; the probe is binary",
+        raise PcacheError(f"task {task!r} has {n_classes} classes {names}; probes and fine-tuning are binary",
                           "derive a one-vs-rest binary task (labels 0/1) in the manifest and re-embed or relabel")
     return y
+
+
+def binary_labels(cache: CacheData, task: str) -> np.ndarray:
+    """The task's labels (0/1, NaN unknown) of a cache; see `binary_column`."""
+    return binary_column(cache.labels, cache.classes, task, f"cache {cache.path.name}")
 
 
 def _load(caches: Sequence[str | os.PathLike[str] | CacheData]) -> list[CacheData]:

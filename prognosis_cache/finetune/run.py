@@ -43,6 +43,7 @@ from prognosis_cache.devices import compute_precision, pick_device
 from prognosis_cache.embed import cache_fingerprint
 from prognosis_cache.errors import PcacheError
 from prognosis_cache.evaluate.metrics import binary_metrics, degenerate_reason
+from prognosis_cache.evaluate.probe import binary_column
 from prognosis_cache.evaluate.splits import Split, few_shot_draws, leave_one_center_out, patient_kfold
 from prognosis_cache.finetune.strategies import (
     PEFT_ADAPTERS,
@@ -95,17 +96,9 @@ class RunPlan:
 
 # ---------------------------------------------------------------------------------------------- planning
 def binary_task(manifest: Manifest, task: str) -> np.ndarray:
-    """The task's labels as 0/1 floats (NaN unknown); refuses unknown and non-binary tasks, as the probe does."""
+    """The task's labels as 0/1 floats (NaN unknown), refused as the probe refuses them (`binary_column`)."""
     values, classes = manifest.labels()
-    if task not in values:
-        raise PcacheError(f"task {task!r} is not a label column of {manifest.path}; it has: {sorted(values)}",
-                          "pass one of those with --task")
-    y = np.asarray(values[task], dtype=np.float64)
-    codes = np.unique(y[~np.isnan(y)])
-    if len(classes[task]) > 2 or not set(codes.tolist()) <= {0.0, 1.0}:
-        raise PcacheError(f"task {task!r} has classes {classes[task]}; fine-tuning is evaluated as binary",
-                          "derive a one-vs-rest binary task (labels 0/1) in the manifest")
-    return y
+    return binary_column(values, classes, task, str(manifest.path))
 
 
 def outer_splits(y: np.ndarray, groups: np.ndarray, centers: np.ndarray, cv: str, seed: int) -> list[Split]:
