@@ -157,7 +157,9 @@ def embed_manifest(
 
     failed = consolidate(path, manifest, existing, folder, fields, dataset)
     shards.discard(folder)
-    return EmbedReport(path=path, fingerprint=fingerprint, n_total=len(ids), n_new=len(pending) - len(failed),
+    failed_ids = {f.image_id for f in failed}  # may also list old rows no longer in the manifest
+    n_new = sum(ids[r] not in failed_ids for r in pending)
+    return EmbedReport(path=path, fingerprint=fingerprint, n_total=len(ids), n_new=n_new,
                        n_reused=n_reused, failed=failed, seconds=seconds)
 
 
